@@ -28,9 +28,12 @@ app = typer.Typer(
 # shared options
 # ----------------------------------------------------------------------------------------------
 PipelineArg = Annotated[Path, typer.Argument(help="Pipeline YAML file.", show_default=False)]
-ProfileOpt = Annotated[list[str] | None, typer.Option("--profile", "-p", help="Profile(s) to apply, in order.")]
+ProfileOpt = Annotated[
+    list[str] | None, typer.Option("--profile", "-p", help="Profile(s) to apply, in order.")
+]
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", "-s", help="Override: key.path=value (value read as YAML). Repeatable.")
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override: key.path=value (value read as YAML). Repeatable."),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on the console.")]
 
@@ -51,7 +54,9 @@ def _print_plan(lp: Any, plans: dict[str, Any], title: str, show_action: bool) -
     from rich.table import Table
 
     t = Table(title=title, title_justify="left", show_lines=False)
-    for col in ["stage", "kind", "state"] + (["action"] if show_action else []) + ["fingerprint", "rows", "why"]:
+    for col in (
+        ["stage", "kind", "state"] + (["action"] if show_action else []) + ["fingerprint", "rows", "why"]
+    ):
         t.add_column(col, overflow="fold")
     for name, p in plans.items():
         row = [name, p.kind, p.state]
@@ -88,14 +93,23 @@ def _run(
     lp = _load(pipeline, profile, set_)
     plans = runner.plan(lp)
     to_run = runner.select(
-        lp, plans, only=only or [], from_=from_, until=until, force=force or [], kinds=kinds or [], with_deps=with_deps
+        lp,
+        plans,
+        only=only or [],
+        from_=from_,
+        until=until,
+        force=force or [],
+        kinds=kinds or [],
+        with_deps=with_deps,
     )
     if dry_run:
         _print_plan(lp, plans, f"plan for {lp.pipeline.name} (dry run: nothing is executed)", True)
         return
     if not to_run:
         reused = sum(1 for p in plans.values() if p.action == "reuse")
-        print(f"{lp.pipeline.name}: nothing to do; {reused} stage(s) cached in {lp.workdir} ({time.time() - t0:.2f}s)")
+        print(
+            f"{lp.pipeline.name}: nothing to do; {reused} stage(s) cached in {lp.workdir} ({time.time() - t0:.2f}s)"
+        )
         return
     logfile = setup_logging(lp.workdir, command, verbose)
     _print_plan(lp, plans, f"plan for {lp.pipeline.name}", True)
@@ -112,14 +126,24 @@ def run(
     pipeline: PipelineArg,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
-    only: Annotated[list[str] | None, typer.Option("--only", help="Run only this stage (repeatable).")] = None,
-    from_: Annotated[str | None, typer.Option("--from", help="Run this stage and everything downstream.")] = None,
-    until: Annotated[str | None, typer.Option("--until", help="Run up to this stage (with its ancestors).")] = None,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Run only this stage (repeatable).")
+    ] = None,
+    from_: Annotated[
+        str | None, typer.Option("--from", help="Run this stage and everything downstream.")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", help="Run up to this stage (with its ancestors).")
+    ] = None,
     force: Annotated[
         list[str] | None, typer.Option("--force", help="Rerun this stage (and downstream) even if cached.")
     ] = None,
-    with_deps: Annotated[bool, typer.Option("--with-deps", help="Also run missing ancestors of selected stages.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run, what is reused and why.")] = False,
+    with_deps: Annotated[
+        bool, typer.Option("--with-deps", help="Also run missing ancestors of selected stages.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would run, what is reused and why.")
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the pipeline: stages in dependency order, reusing every cached artifact."""
@@ -129,11 +153,15 @@ def run(
 def _kind_command(name: str, kinds: list[str], doc: str) -> None:
     def cmd(
         pipeline: PipelineArg,
-        stage: Annotated[str | None, typer.Argument(help="Only this stage (default: every stage of the kind).")] = None,
+        stage: Annotated[
+            str | None, typer.Argument(help="Only this stage (default: every stage of the kind).")
+        ] = None,
         profile: ProfileOpt = None,
         set_: SetOpt = None,
         force: Annotated[bool, typer.Option("--force", help="Rerun even if cached.")] = False,
-        with_deps: Annotated[bool, typer.Option("--with-deps", help="Also run missing inputs first.")] = False,
+        with_deps: Annotated[
+            bool, typer.Option("--with-deps", help="Also run missing inputs first.")
+        ] = False,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan only.")] = False,
         verbose: VerboseOpt = False,
     ) -> None:
@@ -141,7 +169,9 @@ def _kind_command(name: str, kinds: list[str], doc: str) -> None:
         if stage:
             lp = _load(pipeline, profile, set_)
             if stage in lp.stages and lp.kind_of(stage) not in kinds:
-                raise DistillError(f"stage {stage!r} is a {lp.kind_of(stage)} stage; `distill {name}` runs {', '.join(kinds)}")
+                raise DistillError(
+                    f"stage {stage!r} is a {lp.kind_of(stage)} stage; `distill {name}` runs {', '.join(kinds)}"
+                )
         forced = None
         if force:
             lp = _load(pipeline, profile, set_)
@@ -153,7 +183,9 @@ def _kind_command(name: str, kinds: list[str], doc: str) -> None:
 
 
 _kind_command("generate", ["generate"], "Run the generate stages (teacher outputs), resumably.")
-_kind_command("curate", ["corpus", "load", "curate", "pairs"], "Run the data stages: corpus, load, curate, pairs.")
+_kind_command(
+    "curate", ["corpus", "load", "curate", "pairs"], "Run the data stages: corpus, load, curate, pairs."
+)
 _kind_command("train", ["cpt", "sft", "dpo", "merge"], "Run the training stages: cpt, sft, dpo (and merge).")
 _kind_command("evaluate", ["evaluate"], "Run the evaluate stages.")
 _kind_command("export", ["export"], "Run the export stages.")
@@ -172,7 +204,11 @@ def status(
     lp = _load(pipeline, profile, set_)
     plans = runner.plan(lp)
     if as_json:
-        print(json.dumps({"pipeline": lp.pipeline.name, "stages": [p.as_json() for p in plans.values()]}, indent=2))
+        print(
+            json.dumps(
+                {"pipeline": lp.pipeline.name, "stages": [p.as_json() for p in plans.values()]}, indent=2
+            )
+        )
         return
     _print_plan(lp, plans, f"{lp.pipeline.name} ({lp.workdir})", False)
 
@@ -182,7 +218,9 @@ def validate(
     pipeline: PipelineArg,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
-    all_profiles: Annotated[bool, typer.Option("--all-profiles", help="Also validate with each profile.")] = False,
+    all_profiles: Annotated[
+        bool, typer.Option("--all-profiles", help="Also validate with each profile.")
+    ] = False,
 ) -> None:
     """Check the config, its files and templates, and the stage graph. Exit 2 on any error."""
     from distill.validate import validate_pipeline

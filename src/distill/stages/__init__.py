@@ -8,6 +8,7 @@ validating a pipeline stays instant.
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Any
 
@@ -25,6 +26,12 @@ KINDS: dict[str, str] = {
     "evaluate": "distill.stages.evaluate",
     "export": "distill.stages.export",
 }
+
+# Extra stage kinds from outside the package: DISTILL_PLUGINS="mykind=my_pkg.my_stage,other=..."
+for _item in filter(None, os.environ.get("DISTILL_PLUGINS", "").split(",")):
+    _kind, _, _mod = _item.partition("=")
+    if _kind.strip() and _mod.strip():
+        KINDS.setdefault(_kind.strip(), _mod.strip())
 
 
 def stage_module(kind: str) -> ModuleType | None:

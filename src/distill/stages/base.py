@@ -29,7 +29,9 @@ __all__ = ["StageConfig", "speed"]
 
 class StageConfig(Strict):
     kind: str
-    inputs: list[str] = Field(default_factory=list, description="Names of the stages whose artifacts this one reads.")
+    inputs: list[str] = Field(
+        default_factory=list, description="Names of the stages whose artifacts this one reads."
+    )
     description: str | None = speed(None, description="Free text; not fingerprinted.")
 
     OUTPUT: ClassVar[str] = "dataset"

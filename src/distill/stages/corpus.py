@@ -97,7 +97,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if cfg.max_docs is not None:
         ids, sources, texts = ids[: cfg.max_docs], sources[: cfg.max_docs], texts[: cfg.max_docs]
     if not texts:
-        raise ValueError(f"no documents found in {cfg.paths} (after dropping {dropped} shorter than {cfg.min_chars} chars)")
+        raise ValueError(
+            f"no documents found in {cfg.paths} (after dropping {dropped} shorter than {cfg.min_chars} chars)"
+        )
     df = pl.DataFrame({"id": ids, "source": sources, "text": texts})
     ctx.write_table(df)
     return {"documents": len(texts), "dropped_short": dropped, "chars": int(sum(len(t) for t in texts))}
