@@ -101,6 +101,7 @@ class SqlTask(Strict):
     allowed_statements: list[str] = Field(default_factory=lambda: ["select", "with"])
     timeout_s: float = 5.0
     max_rows: int = 10_000
+    memory_limit: str = Field("512MB", description="Memory cap of each SQL worker (DuckDB memory_limit).")
     workers: int = speed(2)
 
 
