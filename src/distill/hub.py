@@ -172,12 +172,17 @@ _MODEL_TEMPLATE = """---
 {% endif %}
 ## Evaluation
 {% if evals %}{% for e in evals %}
-Eval set `{{ e.eval_set }}` ({{ e.n }} rows, {{ e.runnable }} scored; dialect {{ e.dialect }}), greedy decoding:
+{% if e.task == "json" %}Eval set `{{ e.eval_set }}` ({{ e.n }} rows, {{ e.runnable }} scored; schema `{{ e.schema }}`), greedy decoding:
+
+| model | exact match | field accuracy | schema valid | valid JSON |
+|---|---:|---:|---:|---:|
+{% for name, m in e.models.items() %}| {% if name == this %}**{{ name }}** (this model){% else %}{{ name }}{% endif %} | {{ pct(m.get('exact_match')) }} | {{ pct(m.get('field_accuracy')) }} | {{ pct(m.get('schema_valid_rate')) }} | {{ pct(m.get('valid_json_rate')) }} |
+{% endfor %}{% else %}Eval set `{{ e.eval_set }}` ({{ e.n }} rows, {{ e.runnable }} scored; dialect {{ e.dialect }}), greedy decoding:
 
 | model | execution accuracy | valid SQL | execution errors | exact match |
 |---|---:|---:|---:|---:|
 {% for name, m in e.models.items() %}| {% if name == this %}**{{ name }}** (this model){% else %}{{ name }}{% endif %} | {{ pct(m.get('execution_accuracy')) }} | {{ pct(m.get('valid_sql_rate')) }} | {{ pct(m.get('error_rate')) }} | {{ pct(m.get('exact_match')) }} |
-{% endfor %}{% endfor %}{% else %}Not evaluated in this export.
+{% endfor %}{% endif %}{% endfor %}{% else %}Not evaluated in this export.
 {% endif %}
 ## Usage
 
@@ -269,9 +274,15 @@ def model_card(
         m = e["models"].get(this)
         if not m:
             continue
-        for key in ("execution_accuracy", "valid_sql_rate", "exact_match"):
+        is_json = e.get("task") == "json"  # metrics.json of a JSON-extraction evaluate stage
+        keys = (
+            ("exact_match", "field_accuracy", "schema_valid_rate")
+            if is_json
+            else ("execution_accuracy", "valid_sql_rate", "exact_match")
+        )
+        for key in keys:
             if m.get(key) is not None:
-                results.append(EvalResult(task_type="text-generation", task_name="text-to-SQL",
+                results.append(EvalResult(task_type="text-generation", task_name="structured extraction" if is_json else "text-to-SQL",
                                           dataset_type=dataset_repo or "custom", dataset_name=str(e["eval_set"]),
                                           metric_type=key, metric_name=key.replace("_", " "), metric_value=float(m[key])))  # fmt: skip
     data = ModelCardData(

@@ -1,7 +1,8 @@
 """The evaluation report: one self-contained HTML page, a Markdown summary and PNG plots.
 
-Contents: a models x metrics table (execution accuracy, valid SQL, errors, exact match), accuracy
-per category, the curation funnel (rows in/out and drop reasons of the data stages), training loss
+Contents: a models x metrics table (SQL: execution accuracy, valid SQL, errors, exact match; JSON
+extraction: exact match, field accuracy, schema valid, valid JSON — see `report_style`), the main
+metric per category, accuracy per field (JSON), the curation funnel (rows in/out and drop reasons of the data stages), training loss
 curves, and example wins/losses of a candidate model against a baseline (rows one gets right and
 the other does not). Plots are drawn with matplotlib (Agg backend, no display needed), written as
 PNG files beside the page and embedded in it as data URIs, so `index.html` can be mailed alone.
@@ -43,6 +44,29 @@ class ReportData:
     candidate: str | None = None
     examples: int = 4
     info: dict[str, Any] = field(default_factory=dict)  # eval set, dialect, pipeline, when
+    # what the tables show; the defaults are the SQL task's (`report_style` gives the others')
+    metric_columns: list[tuple[str, str]] = field(default_factory=lambda: list(METRIC_COLUMNS))
+    primary: str = "execution_accuracy"  # the per-category metric and the labelled bars
+    primary_label: str = "execution accuracy"
+    lower_is_better: tuple[str, ...] = ("error_rate",)
+    excluded_note: str = "gold query not runnable or not deterministic"
+    no_prediction: str = "(no SQL)"
+
+
+def report_style(task: str | None) -> dict[str, Any]:
+    """ReportData settings for a task kind's metrics (`metrics.json` key `task`; absent = sql)."""
+    if task == "json":
+        from distill.evaluate import json_scoring
+
+        return {
+            "metric_columns": list(json_scoring.METRIC_COLUMNS),
+            "primary": json_scoring.PRIMARY_METRIC,
+            "primary_label": "exact match",
+            "lower_is_better": ("error_rate",),
+            "excluded_note": "gold record not valid under the schema",
+            "no_prediction": "(no JSON)",
+        }
+    return {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,18 +83,24 @@ def _plt() -> Any:
     return plt
 
 
-def plot_metrics(models: dict[str, dict[str, Any]], path: Path) -> Path:
+def plot_metrics(
+    models: dict[str, dict[str, Any]],
+    path: Path,
+    columns: list[tuple[str, str]] | None = None,
+    primary: str = "execution_accuracy",
+) -> Path:
     plt = _plt()
+    columns = columns or METRIC_COLUMNS
     names = list(models)
-    keys = [k for k, _ in METRIC_COLUMNS]
+    keys = [k for k, _ in columns]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(names) + 2), 3.6), dpi=110)
     width = 0.8 / len(keys)
-    for j, (k, label) in enumerate(METRIC_COLUMNS):
+    for j, (k, label) in enumerate(columns):
         vals = [float(models[n].get(k) or 0.0) for n in names]
         bars = ax.bar(
             [i + (j - (len(keys) - 1) / 2) * width for i in range(len(names))], vals, width, label=label
         )
-        if k == "execution_accuracy":
+        if k == primary:
             ax.bar_label(bars, labels=[f"{v:.0%}" for v in vals], fontsize=7, padding=1)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylim(0, 1.08)
@@ -84,7 +114,12 @@ def plot_metrics(models: dict[str, dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def plot_categories(models: dict[str, dict[str, Any]], path: Path) -> Path | None:
+def plot_categories(
+    models: dict[str, dict[str, Any]],
+    path: Path,
+    primary: str = "execution_accuracy",
+    label: str = "execution accuracy",
+) -> Path | None:
     plt = _plt()
     cats = sorted({c for m in models.values() for c in (m.get("per_category") or {})})
     if not cats:
@@ -94,12 +129,12 @@ def plot_categories(models: dict[str, dict[str, Any]], path: Path) -> Path | Non
     width = 0.8 / len(names)
     for j, n in enumerate(names):
         pc = models[n].get("per_category") or {}
-        vals = [float((pc.get(c) or {}).get("execution_accuracy") or 0.0) for c in cats]
+        vals = [float((pc.get(c) or {}).get(primary) or 0.0) for c in cats]
         ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(cats))], vals, width, label=n)
     ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("execution accuracy")
-    ax.set_title("Execution accuracy per category")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label[:1].upper()}{label[1:]} per category")
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -203,8 +238,8 @@ def pick_examples(data: ReportData) -> tuple[list[dict[str, Any]], list[dict[str
         b, c = per.get(data.baseline), per.get(data.candidate)
         if b is None or c is None or c["verdict"] == "excluded":
             continue
-        ex = {"id": rid, "question": c["question"], "category": c.get("category"), "gold_sql": c["gold_sql"],
-              "baseline": b, "candidate": c}  # fmt: skip
+        ex = {"id": rid, "question": c.get("question", c.get("text")), "category": c.get("category"),
+              "gold": c.get("gold_sql", c.get("gold")), "baseline": b, "candidate": c}  # fmt: skip
         if c["verdict"] == "correct" and b["verdict"] != "correct":
             wins.append(ex)
         elif b["verdict"] == "correct" and c["verdict"] != "correct":
@@ -237,12 +272,15 @@ _PAGE = """<!doctype html>
 {% for name, m in models.items() %}<tr><td>{{ name }}</td><td>{{ m.n }}</td><td>{{ m.runnable }}</td>
 {% for k, label in metric_columns %}<td class="{{ 'best' if best.get(k) == name else '' }}">{{ pct(m.get(k)) }}</td>{% endfor %}</tr>
 {% endfor %}</table>
-{% if excluded %}<p class="meta">Excluded from accuracy (gold query not runnable or not deterministic): {% for k, v in excluded.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}.</p>{% endif %}
+{% if excluded %}<p class="meta">Excluded from accuracy ({{ excluded_note }}): {% for k, v in excluded.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}.</p>{% endif %}
 {% if images.metrics %}<img alt="metrics" src="{{ images.metrics }}">{% endif %}
 {% if images.categories %}<h2>Per category</h2>
 <table><tr><th>category</th>{% for name in models %}<th>{{ name }}</th>{% endfor %}</tr>
-{% for c in categories %}<tr><td>{{ c }}</td>{% for name, m in models.items() %}<td>{{ pct(((m.per_category or {}).get(c) or {}).get('execution_accuracy')) }}</td>{% endfor %}</tr>{% endfor %}</table>
+{% for c in categories %}<tr><td>{{ c }}</td>{% for name, m in models.items() %}<td>{{ pct(((m.per_category or {}).get(c) or {}).get(primary)) }}</td>{% endfor %}</tr>{% endfor %}</table>
 <img alt="per category" src="{{ images.categories }}">{% endif %}
+{% if fields %}<h2>Per field</h2>
+<table><tr><th>field</th>{% for name in models %}<th>{{ name }}</th>{% endfor %}</tr>
+{% for f in fields %}<tr><td>{{ f }}</td>{% for name, m in models.items() %}<td>{{ pct((m.per_field or {}).get(f)) }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 
 <h2>Curation funnel</h2>
 {% if funnel %}<table><tr><th>stage</th><th>kind</th><th>rows in</th><th>rows out</th><th>dropped (by reason)</th></tr>
@@ -261,10 +299,10 @@ _PAGE = """<!doctype html>
 {% if not (wins or losses_ex) %}<p class="meta">No rows where one model is right and the other wrong{% if not (baseline and candidate) %} (one model only){% endif %}.</p>{% endif %}
 {% for title2, rows in [("Wins (" ~ candidate ~ " right, " ~ baseline ~ " wrong)", wins), ("Losses (" ~ baseline ~ " right, " ~ candidate ~ " wrong)", losses_ex)] %}
 {% if rows %}<h3>{{ title2 }}</h3>{% for ex in rows %}<div class="ex"><b>{{ ex.id }}</b>{% if ex.category %} &middot; {{ ex.category }}{% endif %}<br>{{ ex.question }}
-<div>gold:<pre>{{ ex.gold_sql }}</pre></div>
+<div>gold:<pre>{{ ex.gold }}</pre></div>
 <div class="grid">{% for who in ["baseline", "candidate"] %}{% set r = ex[who] %}<div>{{ baseline if who == "baseline" else candidate }}:
 <span class="{{ 'ok' if r.verdict == 'correct' else 'bad' }}">{{ r.verdict }}</span>{% if r.error_type %} ({{ r.error_type }}){% endif %}
-<pre>{{ r.prediction or "(no SQL)" }}</pre>{% if r.error %}<div class="meta">{{ r.error }}</div>{% endif %}</div>{% endfor %}</div></div>{% endfor %}{% endif %}
+<pre>{{ r.prediction or no_prediction }}</pre>{% if r.error %}<div class="meta">{{ r.error }}</div>{% endif %}</div>{% endfor %}</div></div>{% endfor %}{% endif %}
 {% endfor %}
 <p class="meta">Generated by distill on {{ when }}.</p>
 </body></html>
@@ -289,8 +327,12 @@ def build_report(out_dir: Path, data: ReportData) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pngs = {
-        "metrics": plot_metrics(data.models, out_dir / "metrics.png") if data.models else None,
-        "categories": plot_categories(data.models, out_dir / "categories.png"),
+        "metrics": plot_metrics(data.models, out_dir / "metrics.png", data.metric_columns, data.primary)
+        if data.models
+        else None,
+        "categories": plot_categories(
+            data.models, out_dir / "categories.png", data.primary, data.primary_label
+        ),
         "funnel": plot_funnel(data.funnel, out_dir / "funnel.png"),
         "losses": plot_losses(data.losses, out_dir / "losses.png"),
     }
@@ -299,27 +341,29 @@ def build_report(out_dir: Path, data: ReportData) -> Path:
             (out_dir / f"{k}.png").unlink(missing_ok=True)
     wins, losses_ex = pick_examples(data)
     best = {}
-    for k, _ in METRIC_COLUMNS:
+    for k, _ in data.metric_columns:
         vals = [(m.get(k), n) for n, m in data.models.items() if m.get(k) is not None]
         if len(vals) > 1:
-            best[k] = (min if k == "error_rate" else max)(vals)[1]
+            best[k] = (min if k in data.lower_is_better else max)(vals)[1]
     excluded: dict[str, int] = {}
     for m in data.models.values():
         for k, v in (m.get("excluded") or {}).items():
             excluded[k] = max(excluded.get(k, 0), int(v))
     cats = sorted({c for m in data.models.values() for c in (m.get("per_category") or {})})
+    fields = list(dict.fromkeys(f for m in data.models.values() for f in (m.get("per_field") or {})))
     when = time.strftime("%Y-%m-%d %H:%M")
     env = jinja2.Environment(autoescape=True, undefined=jinja2.ChainableUndefined)
     html = env.from_string(_PAGE).render(
-        title=data.title, info=data.info, models=data.models, metric_columns=METRIC_COLUMNS, pct=_pct,
+        title=data.title, info=data.info, models=data.models, metric_columns=data.metric_columns, pct=_pct,
         best=best, excluded=excluded, categories=cats, funnel=data.funnel, losses=data.losses,
         images={k: _data_uri(p) for k, p in pngs.items()}, wins=wins, losses_ex=losses_ex,
-        baseline=data.baseline, candidate=data.candidate, when=when,
+        baseline=data.baseline, candidate=data.candidate, when=when, primary=data.primary,
+        excluded_note=data.excluded_note, no_prediction=data.no_prediction, fields=fields,
     )  # fmt: skip
     page = out_dir / "index.html"
     page.write_text(html, encoding="utf-8")
     (out_dir / "report.md").write_text(
-        _markdown(data, pngs, wins, losses_ex, excluded, cats, when), encoding="utf-8"
+        _markdown(data, pngs, wins, losses_ex, excluded, cats, when, fields), encoding="utf-8"
     )
     return page
 
@@ -329,16 +373,17 @@ def _md_cell(s: Any) -> str:
 
 
 def _markdown(data: ReportData, pngs: dict[str, Path | None], wins: list[Any], losses_ex: list[Any],
-              excluded: dict[str, int], cats: list[str], when: str) -> str:  # fmt: skip
+              excluded: dict[str, int], cats: list[str], when: str, fields: list[str] | None = None) -> str:  # fmt: skip
     lines = [f"# {data.title}", ""]
     if data.info:
         lines += [" · ".join(f"{k}: {v}" for k, v in data.info.items()), ""]
-    lines += ["## Models", "", "| model | rows | scored | " + " | ".join(lbl for _, lbl in METRIC_COLUMNS) + " |",
-              "|---|---:|---:|" + "---:|" * len(METRIC_COLUMNS)]  # fmt: skip
+    cols = data.metric_columns
+    lines += ["## Models", "", "| model | rows | scored | " + " | ".join(lbl for _, lbl in cols) + " |",
+              "|---|---:|---:|" + "---:|" * len(cols)]  # fmt: skip
     for n, m in data.models.items():
         lines.append(
             f"| {_md_cell(n)} | {m.get('n')} | {m.get('runnable')} | "
-            + " | ".join(_pct(m.get(k)) for k, _ in METRIC_COLUMNS)
+            + " | ".join(_pct(m.get(k)) for k, _ in cols)
             + " |"
         )
     if excluded:
@@ -350,7 +395,13 @@ def _markdown(data: ReportData, pngs: dict[str, Path | None], wins: list[Any], l
                   "|---|" + "---:|" * len(data.models)]  # fmt: skip
         for c in cats:
             lines.append(f"| {_md_cell(c)} | " + " | ".join(
-                _pct(((m.get("per_category") or {}).get(c) or {}).get("execution_accuracy")) for m in data.models.values()) + " |")  # fmt: skip
+                _pct(((m.get("per_category") or {}).get(c) or {}).get(data.primary)) for m in data.models.values()) + " |")  # fmt: skip
+    if fields:
+        lines += ["", "## Per field", "", "| field | " + " | ".join(map(_md_cell, data.models)) + " |",
+                  "|---|" + "---:|" * len(data.models)]  # fmt: skip
+        for fld in fields:
+            lines.append(f"| {_md_cell(fld)} | " + " | ".join(
+                _pct((m.get("per_field") or {}).get(fld)) for m in data.models.values()) + " |")  # fmt: skip
     if data.funnel:
         lines += [
             "",
@@ -464,9 +515,14 @@ def build_pipeline_report(
                 "pipeline": lp.pipeline.name,
                 **({"about": lp.pipeline.description} if lp.pipeline.description else {}),
                 "eval set": metrics.get("eval_set"),
-                "dialect": metrics.get("dialect"),
+                **(
+                    {"schema": metrics.get("schema")}
+                    if metrics.get("task") == "json"
+                    else {"dialect": metrics.get("dialect")}
+                ),
                 "artifact": art.path.name,
             },  # fmt: skip
+            **report_style(metrics.get("task")),
         )
         pages.append(build_report(out / name if len(eval_stages) > 1 else out, data))
     if len(pages) > 1:

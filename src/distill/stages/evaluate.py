@@ -1,4 +1,4 @@
-"""`evaluate`: run models on an eval set and score them by execution; write metrics and a report.
+"""`evaluate`: run models on an eval set and score them (SQL by execution, JSON records by schema and fields).
 
     eval:
       kind: evaluate
@@ -21,6 +21,12 @@ Output (layout `eval`): `data/part-<i>.parquet` holds the per-row results of mod
 `error_type`, `error`, `excluded_reason`, ...), committed one model at a time (a rerun resumes
 after the last finished model); `metrics.json` ({"models": {name: metrics}, ...}); and
 `report/index.html`, `report/report.md` with PNG plots.
+
+JSON extraction: when the pipeline's task is `json` (or, without a task, the eval set's rows carry a
+gold `record` instead of `sql`), rows are `id`, `text`, `record`, optional `category`; templates
+get `text`, `schema_json` (the task's schema file) and the row's other keys; each completion is
+scored by `distill.evaluate.json_scoring` (valid JSON, schema validity, exact match, field
+accuracy, per-field accuracy). Same shards, metrics.json (with `"task": "json"`) and report.
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ class Config(StageConfig):
     kind: Literal["evaluate"]
     models: list[str] = Field(..., min_length=1, description="Models to evaluate, in report order.")
     eval_set: str = Field(
-        ..., description="Eval set JSONL (id, question, sql, db and/or setup_sql, category)."
+        ...,
+        description="Eval set JSONL: SQL rows (id, question, sql, db and/or setup_sql, category) or "
+        "JSON-extraction rows (id, text, record, category).",
     )
     prompt: str = Field(..., description="Jinja2 template of the user message (as in the answer stage).")
     system_prompt: str | None = Field(None, description="Jinja2 template of the system message.")
@@ -91,8 +99,10 @@ def check(cfg: Config, lp: Any) -> list[str]:
     from distill.evaluate.evalset import load_eval_set
 
     kind = getattr(lp.pipeline.task, "kind", None)
+    if _is_json(lp.pipeline.task, lp.path(cfg.eval_set)):
+        return _check_json(cfg, lp)
     if kind not in (None, "sql"):
-        return [f"evaluate scores SQL by execution; the pipeline's task is {kind!r}"]
+        return [f"evaluate scores SQL by execution or JSON records; the pipeline's task is {kind!r}"]
     try:
         rows = load_eval_set(lp.path(cfg.eval_set))
     except DistillError as e:
@@ -211,6 +221,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     cfg: Config = ctx.cfg
     task = ctx.task
+    if _is_json(task, ctx.path(cfg.eval_set)):
+        return _run_json(ctx)
     if getattr(task, "kind", None) not in (None, "sql"):
         raise ValueError(f"evaluate scores SQL by execution; the pipeline's task is {task.kind!r}")
     dialect = cfg.dialect or getattr(task, "dialect", None) or "duckdb"
@@ -293,7 +305,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def _report(ctx: StageContext, cfg: Config, metrics: dict[str, Any], results: list[dict[str, Any]]) -> None:
     from distill.core import runner
-    from distill.evaluate.report import ReportData, build_report, default_comparison, pipeline_context
+    from distill.evaluate.report import (
+        ReportData,
+        build_report,
+        default_comparison,
+        pipeline_context,
+        report_style,
+    )
 
     try:
         funnel, losses = pipeline_context(ctx.lp, runner.plan(ctx.lp))
@@ -314,10 +332,146 @@ def _report(ctx: StageContext, cfg: Config, metrics: dict[str, Any], results: li
             "pipeline": ctx.lp.pipeline.name,
             **({"about": ctx.lp.pipeline.description} if ctx.lp.pipeline.description else {}),
             "eval set": cfg.eval_set,
-            "dialect": metrics["dialect"],
+            **(
+                {"schema": metrics.get("schema")}
+                if metrics.get("task") == "json"
+                else {"dialect": metrics["dialect"]}
+            ),
             "rows": metrics["n"],
             "scored": metrics["runnable"],
         },  # fmt: skip
+        **report_style(metrics.get("task")),
     )
     page = build_report(ctx.out / "report", data)
     ctx.log.info(f"report: {page}")
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON extraction (distill.evaluate.json_scoring); the SQL path above does not go through here
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_json(task: Any, eval_path: Path) -> bool:
+    kind = getattr(task, "kind", None)
+    if kind is not None:
+        return bool(kind == "json")
+    from distill.evaluate.json_scoring import is_json_eval_set
+
+    return is_json_eval_set(eval_path)
+
+
+def _schema(task: Any, lp: Any) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """(schema path as configured, parsed schema, its text) of a json task; Nones without one."""
+    rel = getattr(task, "schema_file", None)
+    if not rel:
+        return None, None, None
+    from distill.tasks.json_task import load_schema
+
+    path = lp.path(rel)
+    return rel, load_schema(path), path.read_text(encoding="utf-8")
+
+
+def _json_vars(row: Any, schema_text: str | None) -> dict[str, Any]:
+    v = row.template_vars()
+    if schema_text is not None:
+        v.setdefault("schema_json", schema_text)  # as the generate stage renders the same template
+    return v
+
+
+def _check_json(cfg: Config, lp: Any) -> list[str]:
+    from distill.errors import DistillError
+    from distill.evaluate.json_scoring import load_json_eval_set
+
+    try:
+        rows = load_json_eval_set(lp.path(cfg.eval_set))
+    except DistillError as e:
+        return list(e.lines)
+    try:
+        _, _, text = _schema(lp.pipeline.task, lp)
+    except (OSError, ValueError) as e:
+        return [f"task.schema: {e}"]
+    try:
+        _Renderer(cfg, lp).messages(_json_vars(rows[0], text))
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
+def _run_json(ctx: StageContext) -> dict[str, Any]:
+    import polars as pl
+
+    from distill.evaluate.json_scoring import JsonScorer, aggregate, load_json_eval_set, result_schema
+
+    cfg: Config = ctx.cfg
+    schema_rel, schema, schema_text = _schema(ctx.task, ctx.lp)
+    rows = load_json_eval_set(ctx.path(cfg.eval_set))
+    if cfg.limit is not None:
+        rows = rows[: cfg.limit]
+    renderer = _Renderer(cfg, ctx.lp)
+    scorer = JsonScorer(rows, schema)
+    excluded = [rid for rid, why in scorer.gold_reason.items() if why]
+    if excluded:
+        ctx.log.warning(
+            f"{len(excluded)} of {len(rows)} eval rows excluded (gold record not valid under the schema)"
+        )
+    requests = [{"id": r.id, "messages": renderer.messages(_json_vars(r, schema_text))} for r in rows]
+    shards = ctx.shards()
+    done = shards.committed()
+    per_model: dict[str, dict[str, Any]] = {}
+    frames: list[pl.DataFrame] = []
+    for i, name in enumerate(cfg.models):
+        if i in done:
+            df = shards.read(i)
+            ctx.log.info(f"{name}: results already committed; reusing them")
+        else:
+            by_id = {g["id"]: g for g in _model_generations(ctx, cfg, i, name, requests)}
+            results, _ = scorer.score({rid: g["completion"] for rid, g in by_id.items()})
+            for res in results:
+                g = by_id.get(res["id"], {})
+                res.update(model=name, finish_reason=g.get("finish_reason"), completion_tokens=g.get("completion_tokens"),
+                           gen_error=g.get("gen_error"))  # fmt: skip
+            df = pl.DataFrame(results, schema=result_schema())
+            shards.commit(i, df)
+        per_model[name] = aggregate(df.to_dicts())
+        frames.append(df)
+        m = per_model[name]
+        ctx.log.info(
+            f"{name}: exact match {m['exact_match']}, field accuracy {m['field_accuracy']}, "
+            f"schema valid {m['schema_valid_rate']}, valid JSON {m['valid_json_rate']} over {m['runnable']} rows"
+        )
+    first = next(iter(per_model.values()), {})
+    metrics = {
+        "task": "json",
+        "models": per_model,
+        "eval_set": cfg.eval_set,
+        "schema": schema_rel,
+        "n": len(rows),
+        "runnable": first.get("runnable", 0),
+    }
+    (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    _report(ctx, cfg, metrics, pl.concat(frames, how="diagonal_relaxed").to_dicts())
+    keys = ("exact_match", "field_accuracy", "schema_valid_rate", "valid_json_rate", "error_rate")
+    return {
+        "n": metrics["n"],
+        "runnable": metrics["runnable"],
+        **{k: {name: m[k] for name, m in per_model.items()} for k in keys},
+        "excluded": first.get("excluded", {}),
+    }
+
+
+def _model_generations(
+    ctx: StageContext, cfg: Config, i: int, name: str, requests: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Greedy completions of model `name` (the i-th of `models`) for the requests."""
+    model = ctx.model(name)
+    opts = {
+        "max_tokens": cfg.max_tokens,
+        "seed": ctx.seed,
+        "scratch": str(ctx.scratch_dir / f"gen-{i}"),
+        "chat_template": ctx.path(model.spec.chat_template).read_text(encoding="utf-8") if model.spec.chat_template else None,
+        "chat_template_kwargs": cfg.chat_template_kwargs,
+    }  # fmt: skip
+    ctx.log.info(f"{name}: generating {len(requests)} answers ({model.spec.backend})")
+    if cfg.isolate_models:
+        return _generate_isolated(model, requests, opts, ctx.scratch_dir / f"gen-{i}.json")
+    return _generate(model, requests, opts)

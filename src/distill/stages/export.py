@@ -228,7 +228,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         if p.is_file():
             m = json.loads(p.read_text())
             evals.append({"stage": n, "eval_set": m.get("eval_set"), "dialect": m.get("dialect"), "n": m.get("n"),
-                          "runnable": m.get("runnable"), "models": m.get("models", {})})  # fmt: skip
+                          "runnable": m.get("runnable"), "models": m.get("models", {}),
+                          "task": m.get("task") or "sql", "schema": m.get("schema")})  # fmt: skip
 
     dataset_dir = ctx.out / "dataset"
     parts_written: list[hub.DatasetPart] = []
