@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 PIP     := $(BIN)/python -m pip
 
-.PHONY: install test test-slow test-all lint format demo bench clean
+.PHONY: install test test-slow test-e2e test-all lint format demo bench clean
 
 install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,10 @@ test:
 	$(BIN)/python -m pytest -q
 
 test-slow:
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m "slow and not e2e"
+
+test-e2e:
+	$(BIN)/python -m pytest -q -s -m e2e
 
 test-all:
 	$(BIN)/python -m pytest -q -m "slow or not slow"

@@ -20,7 +20,7 @@ import random
 import shutil
 from pathlib import Path
 
-BUILDER_VERSION = "1"  # keep equal to distill.core.fingerprint.TINY_BUILDER_VERSION
+BUILDER_VERSION = "2"  # part of a `tiny:` model's identity in fingerprints: bump when output changes
 
 CHATML = (
     "{% for message in messages %}"
@@ -101,7 +101,7 @@ def build_tokenizer(out: Path, arch: str, vocab_size: int = 1024, seed: int = 0)
         pad_token="<|pad|>",
         unk_token=None,
         additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
-        model_max_length=2048,
+        model_max_length=4096,
         padding_side="right",
     )
     fast.chat_template = LLAMA_CHAT if arch == "llama" else CHATML
@@ -118,7 +118,7 @@ def build_tiny_model(
     kv_heads: int | None = None,
     intermediate: int | None = None,
     vocab_size: int = 1024,
-    max_positions: int = 2048,
+    max_positions: int = 4096,
 ) -> Path:
     """Write a tiny causal LM (config, safetensors, tokenizer, chat template) to `out`."""
     import torch

@@ -25,7 +25,6 @@ from distill.config import is_speed_field
 if TYPE_CHECKING:
     from distill.config import LoadedPipeline, ModelSpec
 
-TINY_BUILDER_VERSION = "1"
 
 
 def semantic_dump(model: BaseModel) -> dict[str, Any]:
@@ -127,7 +126,9 @@ def model_identity(lp: LoadedPipeline, spec: ModelSpec, hasher: FileHasher) -> d
     """What makes a model this model: Hub id@revision, or the content of a local folder."""
     ident: dict[str, Any] = {"dtype": spec.dtype, "backend": spec.backend}
     if spec.id.startswith("tiny:"):
-        ident["id"] = f"{spec.id}@seed{spec.seed}+builder{TINY_BUILDER_VERSION}"
+        from distill.tiny import BUILDER_VERSION
+
+        ident["id"] = f"{spec.id}@seed{spec.seed}+builder{BUILDER_VERSION}"
     else:
         local = lp.path(spec.id)
         if local.exists():

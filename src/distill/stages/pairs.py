@@ -6,7 +6,8 @@ Strategies:
   row has one, else the majority result of the prompt's passing samples). chosen = a sample that
   passes and agrees; rejected = one that fails, with the failure type recorded
   (`rejected_failure`: wrong_result, disagrees_majority, exec_error, parse_error, ...). Samples
-  whose correctness is unknown (no majority, failed reference) are never used.
+  whose correctness is unknown (no majority, failed reference) are never used. With
+  `agreement: none`, passing the verifier is enough to be chosen (rejected = parse/exec errors).
 - `student`: the inputs are the teacher's generations and the student's (`student: <stage>`);
   chosen = a correct teacher sample, rejected = the student's own wrong sample, judged against
   the reference or the teacher's majority result.
@@ -52,7 +53,11 @@ class Config(StageConfig):
         None, description="strategy student: the input stage with the student's generations."
     )
     verify: Literal["auto", "sql", "json", "none"] = "auto"
-    agreement: Literal["auto", "majority", "reference"] = "auto"
+    agreement: Literal["auto", "majority", "reference", "none"] = Field(
+        "auto",
+        description="How a passing sample is judged correct: gold result (reference), the samples' "
+        "majority result, auto (reference where the row has one), or none (passing the verifier is enough).",
+    )
     min_votes: int = Field(1, ge=1)
     reference_column: str | None = None
     pairs_per_prompt: int = Field(1, ge=1)
