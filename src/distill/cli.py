@@ -188,7 +188,70 @@ _kind_command(
 )
 _kind_command("train", ["cpt", "sft", "dpo", "merge"], "Run the training stages: cpt, sft, dpo (and merge).")
 _kind_command("evaluate", ["evaluate"], "Run the evaluate stages.")
-_kind_command("export", ["export"], "Run the export stages.")
+
+
+@app.command("export")
+def export_cmd(
+    pipeline: PipelineArg,
+    stage: Annotated[
+        str | None, typer.Argument(help="Only this export stage (default: every export stage).")
+    ] = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    to_dir: Annotated[
+        Path | None, typer.Option("--to-dir", help="Write the dataset repo folder here (model: <dir>-model).")
+    ] = None,
+    repo_id: Annotated[
+        str | None, typer.Option("--repo-id", help="Dataset repo to push (owner/name).")
+    ] = None,
+    model_repo_id: Annotated[
+        str | None, typer.Option("--model-repo-id", help="Model repo to push (owner/name).")
+    ] = None,
+    private: Annotated[
+        bool | None, typer.Option("--private/--public", help="Visibility of repos created.")
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Branch to push to (created when missing).")
+    ] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun even if cached.")] = False,
+    with_deps: Annotated[bool, typer.Option("--with-deps", help="Also run missing inputs first.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan only.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the export stages: dataset/model repo folders with cards, pushed to the Hub when a repo is set.
+
+    The options override the export stage's keys (to_dir, repo_id, model_repo_id, private, revision,
+    commit_message). The Hub token comes from HF_TOKEN or `hf auth login`, never from here.
+    """
+    lp = _load(pipeline, profile, set_)
+    names = [stage] if stage else [s for s in lp.stages if lp.kind_of(s) == "export"]
+    if stage and stage in lp.stages and lp.kind_of(stage) != "export":
+        raise DistillError(
+            f"stage {stage!r} is a {lp.kind_of(stage)} stage; `distill export` runs export stages"
+        )
+    over = list(set_ or [])
+    values = {"to_dir": str(to_dir.resolve()) if to_dir else None, "repo_id": repo_id, "model_repo_id": model_repo_id,
+              "private": private, "revision": revision, "commit_message": message}  # fmt: skip
+    for n in names:
+        for k, v in values.items():
+            if v is not None:
+                over.append(f"stages.{n}.{k}={json.dumps(v)}")
+    forced = names if force else None
+    _run(
+        pipeline,
+        profile,
+        over,
+        [stage] if stage else None,
+        None,
+        None,
+        forced,
+        dry_run,
+        ["export"],
+        with_deps,
+        verbose,
+        "export",
+    )
 
 
 @app.command()
@@ -289,6 +352,180 @@ def tiny_model(
     p = build_tiny_model(out, arch, seed, hidden, layers, heads, vocab_size=vocab)
     meta = json.loads((p / "distill_tiny.json").read_text())
     print(f"wrote {arch} with {meta['params']:,} parameters to {p}")
+
+
+@app.command("merge")
+def merge_cmd(
+    config: Annotated[
+        Path, typer.Argument(help="mergekit-style merge YAML (merge_method, base_model, models/slices).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB.")] = "5GB",
+    seed: Annotated[int | None, typer.Option(help="Seed for random methods (DARE).")] = None,
+) -> None:
+    """Merge models from a mergekit-style YAML; model paths are relative to the YAML file."""
+    from distill.merge.cli import merge_from_yaml
+
+    print(json.dumps(merge_from_yaml(config, out, max_shard_size, seed)))
+
+
+@app.command("evaluate-sql")
+def evaluate_sql_cmd(
+    eval_set: Annotated[
+        Path, typer.Option("--eval-set", help="Eval set JSONL (id, question, sql, db/setup_sql, category).")
+    ],
+    predictions: Annotated[Path, typer.Option("--predictions", help="Predictions JSONL (id, sql).")],
+    dialect: Annotated[str, typer.Option(help="SQL dialect of gold and predictions.")] = "duckdb",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write results.jsonl and metrics.json here.")
+    ] = None,
+    timeout_s: Annotated[float, typer.Option(help="Per-query timeout in seconds.")] = 5.0,
+    workers: Annotated[int, typer.Option(help="Sandbox worker processes.")] = 2,
+) -> None:
+    """Score a predictions file by execution (no model); the last line printed is a JSON summary."""
+    from distill.evaluate.cli import evaluate_sql
+
+    summary = evaluate_sql(eval_set, predictions, dialect, out, timeout_s, workers)
+    if out is not None:
+        print(
+            f"per-row results in {out / 'results.jsonl'}, metrics in {out / 'metrics.json'}", file=sys.stderr
+        )
+    print(json.dumps(summary))
+
+
+@app.command("report")
+def report_cmd(
+    pipeline: PipelineArg,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for the report (default <workdir>/report).")
+    ] = None,
+) -> None:
+    """Rebuild the evaluation report (HTML, Markdown, PNG plots) from the pipeline's artifacts."""
+    from distill.evaluate.cli import rebuild_report
+
+    print(rebuild_report(pipeline, profile or [], set_ or [], out))
+
+
+@app.command("estimate-memory")
+def estimate_memory(
+    model: Annotated[str, typer.Argument(help="Hub id (only config.json is fetched) or local model folder.")],
+    method: Annotated[str, typer.Option(help="full, lora or qlora.")] = "lora",
+    lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Per-device batch size.")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 1024,
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "bf16",
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations."),
+    ] = False,
+    optimizer: Annotated[str, typer.Option(help="adamw, adamw8bit or sgd.")] = "adamw",
+    device: Annotated[str, typer.Option(help="cuda or cpu (what the runtime overhead is for).")] = "cuda",
+    revision: Annotated[str | None, typer.Option(help="Hub revision.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Memory breakdown for training (weights, gradients, optimizer, activations, LoRA) and inference (KV cache)."""
+    from distill.train.memory import estimate, format_table, load_config
+
+    choices = {
+        "method": (method, ("full", "lora", "qlora")),
+        "precision": (precision, ("fp32", "bf16", "fp16")),
+        "optimizer": (optimizer, ("adamw", "adamw8bit", "sgd")),
+        "device": (device, ("cuda", "cpu")),
+    }
+    for key, (val, allowed) in choices.items():
+        if val not in allowed:
+            raise DistillError(f"--{key} {val}: use one of {', '.join(allowed)}")
+    try:
+        conf = load_config(model, revision)
+    except Exception as e:  # missing folder, no network, unknown repo
+        raise DistillError(
+            f"{model}: cannot read the model config ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "pass a local model folder or a reachable Hub id"
+        ) from None
+    try:
+        est = estimate(
+            conf,
+            method=method,
+            lora_r=lora_r,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            precision=precision,
+            gradient_checkpointing=gradient_checkpointing,
+            optimizer=optimizer,
+            device=device,
+            model=model,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise DistillError(
+            f"{model}: cannot estimate from this config ({e}); it needs hidden size, layers, heads, vocab"
+        ) from None
+    print(json.dumps(est, indent=2) if as_json else format_table(est))
+
+
+@app.command()
+def dedup(
+    input_path: Annotated[
+        Path, typer.Argument(metavar="INPUT", help="Parquet or JSONL file (by extension).")
+    ],
+    column: Annotated[str, typer.Option("--column", help="Text column compared.")],
+    out: Annotated[Path, typer.Option("--out", help="Where the kept rows go (.parquet or .jsonl).")],
+    id_column: Annotated[
+        str | None,
+        typer.Option("--id-column", help="Column identifying rows in --clusters (default: row index)."),
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="Jaccard similarity of shingle sets.")
+    ] = 0.8,
+    ngram: Annotated[
+        int, typer.Option("--ngram", help="Shingle length (words, or characters with --char).")
+    ] = 5,
+    num_perm: Annotated[int, typer.Option("--num-perm", help="MinHash permutations.")] = 128,
+    clusters: Annotated[
+        Path | None,
+        typer.Option("--clusters", help="One row per input row: id, cluster, kept (.parquet or .jsonl)."),
+    ] = None,
+    char: Annotated[
+        bool, typer.Option("--char", help="Character n-gram shingles instead of word n-grams.")
+    ] = False,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the hash functions (results are deterministic for it).")
+    ] = 0,
+) -> None:
+    """Remove near-duplicate rows (MinHash LSH): keeps the first row of each cluster."""
+    from distill.errors import UsageError
+
+    if not 0.0 < threshold < 1.0:
+        raise UsageError(f"--threshold {threshold}: must be between 0 and 1")
+    if ngram < 1 or num_perm < 16:
+        raise UsageError("--ngram must be >= 1 and --num-perm >= 16")
+    for p in [out] + ([clusters] if clusters else []):
+        if not p.name.lower().endswith((".parquet", ".jsonl", ".ndjson")):
+            raise UsageError(f"{p}: output must end in .parquet or .jsonl")
+    from distill.curate.dedup import dedup_file
+
+    try:
+        rep = dedup_file(
+            input_path,
+            column,
+            out,
+            id_column,
+            clusters,
+            threshold,
+            ngram,
+            num_perm,
+            seed,
+            "char" if char else "word",
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    print(
+        f"{input_path}: {rep.rows_in} rows, {rep.duplicate_clusters} near-duplicate clusters; "
+        f"kept {rep.rows_out}, removed {rep.rows_in - rep.rows_out} -> {out}"
+        + (f" (clusters: {clusters})" if clusters else "")
+        + f" in {rep.seconds:.2f}s"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

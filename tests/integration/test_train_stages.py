@@ -266,7 +266,9 @@ def test_early_stopping_on_eval_loss(tmp_path, tiny_llama, rows_kind, monkeypatc
 def test_packed_sft_is_fed_padding_free(tmp_path, tiny_llama, rows_kind, monkeypatch):
     monkeypatch.setenv("DISTILL_INPROCESS", "1")
     p = make_project(
-        tmp_path, tiny_llama, f"  s: {{kind: sft, inputs: [sft_rows], base: student, packing: true, {COMMON}}}\n"
+        tmp_path,
+        tiny_llama,
+        f"  s: {{kind: sft, inputs: [sft_rows], base: student, packing: true, {COMMON}}}\n",
     )
     _, plans, _ = run(p)
     man = manifest(plans, "s")

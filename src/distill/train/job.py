@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -512,21 +513,16 @@ def launch_command(job: dict[str, Any], job_file: Path) -> list[str]:
     acc = launcher.get("accelerate_config")
     port = launcher.get("main_process_port") or _free_port()
     if acc:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(acc),
-            "--num_processes",
-            str(n),
-            "--main_process_port",
-            str(port),
-        ]
         import torch
 
-        if not torch.cuda.is_available():
-            cmd.append("--cpu")
+        if not torch.cuda.is_available() and n > 1:
+            # accelerate launches several CPU processes only through MPI; torchrun does it directly
+            raise ValueError(
+                "launcher.accelerate_config: accelerate launch starts one process on a CPU-only machine; "
+                "remove accelerate_config to run DDP over gloo with torchrun"
+            )
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc),
+               "--num_processes", str(n), "--main_process_port", str(port)]  # fmt: skip
         return [*cmd, "-m", "distill.train.worker", str(job_file)]
     return [
         sys.executable,
@@ -575,8 +571,11 @@ def execute(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
             _kill_group(proc)
             raise
     if rc != 0 or not Path(job["result_file"]).is_file():
-        tail = out_log.read_text(errors="replace").strip().splitlines()[-15:]
-        errs = [ln for ln in tail if "Error" in ln or "error" in ln] or tail[-3:]
+        lines = out_log.read_text(errors="replace").strip().splitlines()
+        # the ranks' own exception, not the launcher's CalledProcessError/ChildFailedError about it
+        launcher_errs = ("CalledProcessError", "ChildFailedError")
+        errs = [ln.strip() for ln in lines if re.match(r"^\s*[\w.]*(Error|Exception)\b", ln)
+                and not any(x in ln for x in launcher_errs)] or lines[-3:]  # fmt: skip
         raise RuntimeError(
             f"training processes failed (exit code {rc}): {errs[-1] if errs else ''} (full output: {out_log})"
         )

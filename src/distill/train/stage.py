@@ -165,6 +165,14 @@ def run_training(ctx: StageContext) -> dict[str, Any]:
         exit_with_parent()
     quiet_libraries()
     cfg = ctx.cfg
+    if cfg.method == "qlora":
+        from distill.train.models import cuda_available
+
+        if not cuda_available():  # fail before preparing data or launching processes
+            raise ValueError(
+                "method: qlora loads the base in 4-bit through bitsandbytes, which needs a CUDA GPU; "
+                "use method: lora on this machine"
+            )
     seed = cfg.seed if cfg.seed is not None else ctx.seed
     chain = resolve_chain(ctx, cfg.base, cfg.chain)
     if Path(chain.base_path).exists():
