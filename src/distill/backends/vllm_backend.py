@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distill.backends import BackendBase, Completion, GenRequest, GenResponse, error_text
+from distill.backends import BackendBase, Completion, GenRequest, GenResponse, SeedScope, error_text
 from distill.backends.chat import encode_chat, load_tokenizer, render_chat, stop_token_ids
 from distill.core.log import get_logger
 
@@ -85,12 +85,13 @@ class VllmBackend(BackendBase):
             root.mkdir(parents=True, exist_ok=True)
             self._setenv("VLLM_CACHE_ROOT", str(root))
 
+        _shield_llvmlite_from_vllm_kernel_scan()
         from vllm import LLM
         from vllm.platforms import current_platform
 
         self.on_cpu = bool(current_platform.is_cpu())
         self.request_seeds = seed_per_request and not self.on_cpu
-        self.seed_scope = "request" if self.request_seeds else "engine"
+        self.seed_scope: SeedScope = "request" if self.request_seeds else "engine"
         self.tok = load_tokenizer(model.path, model.revision, chat_template, spec.trust_remote_code)
         self.stop_ids = stop_token_ids(self.tok, model.path, model.revision)
 
@@ -254,3 +255,21 @@ class VllmBackend(BackendBase):
         if self._rpc_dir is not None:
             shutil.rmtree(self._rpc_dir, ignore_errors=True)
             self._rpc_dir = None
+
+
+def _shield_llvmlite_from_vllm_kernel_scan() -> None:
+    """Work around a vLLM 0.32 crash when numba's llvmlite is already imported in this process.
+
+    vLLM's kernel dispatcher scans every module namespace and reads `vars(value).get("kernel")`;
+    llvmlite's `ffi.lib` answers any attribute through `__getattr__`, so `vars(lib)` is a wrapped C
+    function, not a dict, and engine start-up dies with AttributeError. Curation (numba MinHash) in
+    the same process triggers it. Giving `lib` a real (empty) `__dict__` entry in its function
+    table makes the scan see nothing, which is the truth.
+    """
+    import sys
+
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    lib = getattr(ffi, "lib", None) if ffi is not None else None
+    fntab = getattr(lib, "_fntab", None)
+    if isinstance(fntab, dict):
+        fntab.setdefault("__dict__", {})
