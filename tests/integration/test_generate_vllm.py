@@ -9,6 +9,7 @@ computed by teacher forcing in transformers, which also proves vLLM saw the same
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -207,3 +208,19 @@ def test_a_failing_request_does_not_stop_the_others(engine):
     assert out["badgrammar"].error and not out["badgrammar"].completions
     # the engine is still healthy afterwards
     assert engine.generate([GenRequest("after", _msgs("again"), s)])[0].error is None
+
+
+def test_failed_start_leaves_no_side_files(tmp_path, monkeypatch):
+    import tempfile
+
+    from distill.backends.vllm_backend import VllmBackend
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    missing = tmp_path / "no-such-model"
+    spec = ModelSpec(id=str(missing), backend="vllm")
+    with pytest.raises(OSError):
+        VllmBackend(ResolvedModel("m", str(missing), spec))
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is gone
+    assert "VLLM_RPC_BASE_PATH" not in os.environ and "VLLM_CACHE_ROOT" not in os.environ

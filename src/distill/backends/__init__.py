@@ -40,6 +40,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from distill.core.context import ResolvedModel
 
+# what a request's seed controls: "request" (that request), "batch" (its batch, transformers),
+# "engine" (ignored; the engine was seeded), "server" (ignored; the server's own seeding)
+SeedScope = Literal["request", "engine", "batch", "server"]
+
 __all__ = [
     "Backend",
     "Completion",
@@ -129,9 +133,7 @@ class Backend(Protocol):
     name: str
     model_id: str
     revision: str | None
-    # what a request's seed controls: "request" (that request), "batch" (its batch, transformers),
-    # "engine" (ignored; the engine was seeded), "server" (ignored; the server's own seeding)
-    seed_scope: Literal["request", "engine", "batch", "server"]
+    seed_scope: SeedScope
 
     def stream(self, requests: Iterable[GenRequest]) -> Iterator[GenResponse]:
         """Pull requests lazily, yield one response per request as it finishes."""
@@ -150,7 +152,7 @@ class BackendBase:
     name = "base"
     model_id = ""
     revision: str | None = None
-    seed_scope: Literal["request", "engine", "batch", "server"] = "request"
+    seed_scope: SeedScope = "request"
 
     def stream(self, requests: Iterable[GenRequest]) -> Iterator[GenResponse]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -106,7 +106,7 @@ def generation_config_eos(model_path: str, revision: str | None = None) -> list[
     from transformers import GenerationConfig
 
     try:
-        gc = GenerationConfig.from_pretrained(model_path, revision=revision)
+        gc = GenerationConfig.from_pretrained(model_path, revision=revision or "main")
     except (OSError, ValueError):
         return []
     eos = gc.eos_token_id

@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from distill.backends import BackendBase, Completion, GenRequest, GenResponse, Sampling, error_text
+from distill.backends import BackendBase, Completion, GenRequest, GenResponse, Sampling, SeedScope, error_text
 from distill.backends.chat import encode_chat, load_tokenizer, render_chat, stop_token_ids
 from distill.core.log import get_logger
 
@@ -37,7 +37,7 @@ def _key(s: Sampling) -> Sampling:
 
 class HFBackend(BackendBase):
     name = "transformers"
-    seed_scope = "batch"
+    seed_scope: SeedScope = "batch"
 
     def __init__(
         self,
@@ -62,7 +62,7 @@ class HFBackend(BackendBase):
         log.info(
             f"loading {model.name} ({model.path}{' + adapter ' + str(model.adapter) if model.adapter else ''}) on {self.device}"
         )
-        m = AutoModelForCausalLM.from_pretrained(
+        m: Any = AutoModelForCausalLM.from_pretrained(
             model.path, revision=model.revision, dtype=dtype, trust_remote_code=spec.trust_remote_code
         )
         if model.adapter is not None:

@@ -32,7 +32,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from distill.backends import BackendBase, Completion, GenRequest, GenResponse, error_text
+from distill.backends import BackendBase, Completion, GenRequest, GenResponse, SeedScope, error_text
 from distill.core.log import get_logger
 
 if TYPE_CHECKING:
@@ -60,7 +60,6 @@ _DONE = object()
 
 class OpenAIBackend(BackendBase):
     name = "openai"
-    seed_scope = "request"
 
     def __init__(
         self,
@@ -95,7 +94,7 @@ class OpenAIBackend(BackendBase):
         self.timeout = spec.request_timeout_s
         self.retry_base_s, self.retry_cap_s = retry_base_s, retry_cap_s
         self.send_seed = send_seed
-        self.seed_scope = "request" if send_seed else "server"
+        self.seed_scope: SeedScope = "request" if send_seed else "server"
         self.template_kwargs = dict(chat_template_kwargs or {})
         self.retries = 0  # retried attempts, for the manifest
         self.tok: Any = None
@@ -137,7 +136,9 @@ class OpenAIBackend(BackendBase):
                 }
             else:
                 key = st.kind
-                body["structured_outputs"] = {key: list(st.choice) if key == "choice" else getattr(st, key)}
+                body["structured_outputs"] = {
+                    key: list(st.choice or ()) if key == "choice" else getattr(st, key)
+                }
         return body
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:

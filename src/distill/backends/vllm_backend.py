@@ -85,56 +85,62 @@ class VllmBackend(BackendBase):
             root.mkdir(parents=True, exist_ok=True)
             self._setenv("VLLM_CACHE_ROOT", str(root))
 
-        _shield_llvmlite_from_vllm_kernel_scan()
-        from vllm import LLM
-        from vllm.platforms import current_platform
+        try:
+            _shield_llvmlite_from_vllm_kernel_scan()
+            from vllm import LLM
+            from vllm.platforms import current_platform
 
-        self.on_cpu = bool(current_platform.is_cpu())
-        self.request_seeds = seed_per_request and not self.on_cpu
-        self.seed_scope: SeedScope = "request" if self.request_seeds else "engine"
-        self.tok = load_tokenizer(model.path, model.revision, chat_template, spec.trust_remote_code)
-        self.stop_ids = stop_token_ids(self.tok, model.path, model.revision)
+            self.on_cpu = bool(current_platform.is_cpu())
+            self.request_seeds = seed_per_request and not self.on_cpu
+            self.seed_scope: SeedScope = "request" if self.request_seeds else "engine"
+            self.tok = load_tokenizer(model.path, model.revision, chat_template, spec.trust_remote_code)
+            self.stop_ids = stop_token_ids(self.tok, model.path, model.revision)
 
-        kw: dict[str, Any] = dict(
-            model=model.path,
-            tokenizer=model.path,
-            revision=model.revision,
-            tokenizer_revision=model.revision,
-            dtype=spec.dtype,
-            seed=seed,
-            tensor_parallel_size=spec.tensor_parallel_size,
-            enforce_eager=spec.enforce_eager,
-            trust_remote_code=spec.trust_remote_code,
-        )
-        if spec.max_model_len:
-            kw["max_model_len"] = spec.max_model_len
-        if self.on_cpu:
-            kw["kv_cache_memory_bytes"] = int((spec.kv_cache_gb or 1.0) * (1 << 30))
-        else:
-            kw["gpu_memory_utilization"] = spec.gpu_memory_utilization
-            if spec.kv_cache_gb:
-                kw["kv_cache_memory_bytes"] = int(spec.kv_cache_gb * (1 << 30))
-        self.lora = None
-        if model.adapter is not None or spec.enable_lora:
-            kw["enable_lora"] = True
-            need = max(spec.max_lora_rank, adapter_rank(model.adapter) if model.adapter is not None else 1)
-            kw["max_lora_rank"] = next((r for r in _LORA_RANKS if r >= need), _LORA_RANKS[-1])
-        if model.adapter is not None:
-            from vllm.lora.request import LoRARequest
+            kw: dict[str, Any] = dict(
+                model=model.path,
+                tokenizer=model.path,
+                revision=model.revision,
+                tokenizer_revision=model.revision,
+                dtype=spec.dtype,
+                seed=seed,
+                tensor_parallel_size=spec.tensor_parallel_size,
+                enforce_eager=spec.enforce_eager,
+                trust_remote_code=spec.trust_remote_code,
+            )
+            if spec.max_model_len:
+                kw["max_model_len"] = spec.max_model_len
+            if self.on_cpu:
+                kw["kv_cache_memory_bytes"] = int((spec.kv_cache_gb or 1.0) * (1 << 30))
+            else:
+                kw["gpu_memory_utilization"] = spec.gpu_memory_utilization
+                if spec.kv_cache_gb:
+                    kw["kv_cache_memory_bytes"] = int(spec.kv_cache_gb * (1 << 30))
+            self.lora = None
+            if model.adapter is not None or spec.enable_lora:
+                kw["enable_lora"] = True
+                need = max(
+                    spec.max_lora_rank, adapter_rank(model.adapter) if model.adapter is not None else 1
+                )
+                kw["max_lora_rank"] = next((r for r in _LORA_RANKS if r >= need), _LORA_RANKS[-1])
+            if model.adapter is not None:
+                from vllm.lora.request import LoRARequest
 
-            self.lora = LoRARequest("adapter", 1, str(model.adapter))
-        if structured:
-            # named explicitly: "auto" picked outlines for some schemas, which did not enforce bounds
-            kw["structured_outputs_config"] = {
-                "backend": spec.structured_outputs_backend or "xgrammar",
-                "disable_any_whitespace": True,
-            }
-        log.info(
-            f"starting vLLM for {model.name} ({model.path}"
-            + (f" + adapter {model.adapter}" if model.adapter else "")
-            + f", tp={spec.tensor_parallel_size}, {'cpu' if self.on_cpu else current_platform.device_type})"
-        )
-        self.llm = LLM(**kw)
+                self.lora = LoRARequest("adapter", 1, str(model.adapter))
+            if structured:
+                # named explicitly: "auto" picked outlines for some schemas, which did not enforce bounds
+                kw["structured_outputs_config"] = {
+                    "backend": spec.structured_outputs_backend or "xgrammar",
+                    "disable_any_whitespace": True,
+                }
+            log.info(
+                f"starting vLLM for {model.name} ({model.path}"
+                + (f" + adapter {model.adapter}" if model.adapter else "")
+                + f", tp={spec.tensor_parallel_size}, {'cpu' if self.on_cpu else current_platform.device_type})"
+            )
+            self.llm = LLM(**kw)
+        except BaseException:
+            self.close()  # the temporary folder and the environment variables set above
+            raise
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self._counter = 0
 

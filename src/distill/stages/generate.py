@@ -82,8 +82,9 @@ Scale-out: `model.tensor_parallel_size` shards one engine over GPUs; `workers: k
 `model.data_parallel_size`) starts k engine processes on this node, each with its own GPUs
 (`tensor_parallel_size` each, from CUDA_VISIBLE_DEVICES) and each taking every k-th pending shard
 (shard i mod k on a fresh run); `executor: ray` places the k workers as Ray actors across a Ray
-cluster (`RAY_ADDRESS`; `pip install ray`), which stream finished shards back to this process for
-commit, so only this process writes the artifact. Alternatively, serve the teacher with
+cluster (`RAY_ADDRESS`; `pip install 'distill[ray]'`), which stream finished shards back to this
+process for commit, so only this process writes the artifact; the actors read the stage's inputs
+and the model from the same paths, so those must be on a filesystem every node sees. Alternatively, serve the teacher with
 `vllm serve --tensor-parallel-size t --data-parallel-size k` and use the `openai` backend with a
 `max_concurrency` high enough to keep every replica busy.
 """
@@ -569,7 +570,7 @@ def _read_file(path: Path) -> pl.DataFrame:
                     continue
                 try:
                     obj = json.loads(line)
-                except ValueError as e:
+                except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); fix that line") from None
                 if not isinstance(obj, dict):
                     raise ValueError(f"{path}:{i}: each line must be a JSON object")
@@ -694,9 +695,9 @@ def build_plan(ctx: StageContext, prompts: Prompts) -> Plan:
     if cfg.schemas:
         schemas: list[str | None] = list(cfg.schemas)
     elif prompts.schema_paths:
-        schemas = sorted(prompts.schema_paths)
+        schemas = list(sorted(prompts.schema_paths))
     else:
-        schemas = sorted({s for s in by_schema if s is not None}) or [None]
+        schemas = list(sorted({s for s in by_schema if s is not None})) or [None]
     per_request = cfg.questions_per_prompt * cfg.n
     n_req = math.ceil(cfg.per_schema / per_request)
     items = []
@@ -1237,7 +1238,7 @@ def _run_ray_workers(
     try:
         import ray
     except ImportError:
-        raise ValueError("executor: ray needs the `ray` package (pip install 'ray[default]')") from None
+        raise ValueError("executor: ray needs the `ray` package (pip install 'distill[ray]')") from None
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
 
@@ -1257,7 +1258,8 @@ def _run_ray_workers(
             for res in gen.results(shards, lambda n, t: None):
                 yield res, self.info.__dict__
 
-    opts: dict[str, Any] = {"num_gpus": tp} if _has_gpu() else {}
+    # GPUs are counted on the cluster, not here: the driver may well be a CPU-only node
+    opts: dict[str, Any] = {"num_gpus": tp} if ray.cluster_resources().get("GPU", 0) > 0 else {}
     actors = [_Worker.options(**opts).remote(ctx) for _ in assignment]  # type: ignore[attr-defined]
     shard_size = json.loads((ctx.scratch_dir / "plan.json").read_text())["shard_size"]
     gens = [
@@ -1271,7 +1273,7 @@ def _run_ray_workers(
             ready, _ = ray.wait(gens, num_returns=1, fetch_local=False)
             g = ready[0]
             try:
-                ref = next(g)
+                ref = next(g)  # type: ignore[arg-type]
             except StopIteration:
                 gens.remove(g)
                 continue
@@ -1282,15 +1284,6 @@ def _run_ray_workers(
         for a in actors:
             ray.kill(a)
     return info
-
-
-def _has_gpu() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
 
 
 # ------------------------------------------------------------------------------------------------
