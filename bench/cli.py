@@ -54,7 +54,11 @@ def main() -> None:
         data = proj / "data"
         shutil.copytree(REPO / "pipelines/data/sql_dialect/docs", data / "docs")
         shutil.copytree(REPO / "pipelines/data/sql_dialect/schemas", data / "schemas")
-        for name in ("openai_sft_gsm8k_sample.jsonl", "llamafactory_identity.json", "openai_dpo_orca_sample.jsonl"):
+        for name in (
+            "openai_sft_gsm8k_sample.jsonl",
+            "llamafactory_identity.json",
+            "openai_dpo_orca_sample.jsonl",
+        ):
             shutil.copy(REPO / "tests/data/pref_sft_formats" / name, data / name)
         (proj / "pipeline.yaml").write_text(PIPELINE)
         t0 = time.perf_counter()

@@ -22,7 +22,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 def distill(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DISTILL_PLAIN": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "distill.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=2400
+        [sys.executable, "-m", "distill.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=2400,
     )
 
 

@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_generated_docs_are_current():
-    r = subprocess.run([sys.executable, "-m", "distill.docgen", "--check"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "distill.docgen", "--check"], capture_output=True, text=True, cwd=REPO
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 

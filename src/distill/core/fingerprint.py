@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from distill.config import LoadedPipeline, ModelSpec
 
 
-
 def semantic_dump(model: BaseModel) -> dict[str, Any]:
     """`model_dump` without speed-only fields, recursively."""
     out: dict[str, Any] = {}
