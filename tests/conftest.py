@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -24,6 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("DISTILL_PLAIN", "1")
+# A fresh datasets cache per session: `load_dataset(DIR, config)` keys its cache by folder name and
+# config, not content, so a cache left by an earlier run would answer for a new export of the same
+# name and hide what the test meant to check.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="distill-test-hf-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 
 @pytest.fixture(scope="session")

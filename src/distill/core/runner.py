@@ -285,6 +285,9 @@ def _run_here(ctx: StageContext) -> dict[str, Any]:
 def _child_main(ctx: StageContext, result_path: str) -> None:
     from distill.core.log import setup_logging
 
+    # vLLM logs every engine step at INFO; our own progress lines say what matters. A user who
+    # wants vLLM's detail sets VLLM_LOGGING_LEVEL themselves.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     setup_logging(None, "stage")
     if ctx.logfile is not None:
         import logging

@@ -75,14 +75,15 @@ def engine_of(db: Path | None) -> str:
     return "sqlite" if db is not None and db.suffix.lower() != ".sql" and _is_sqlite(db) else "duckdb"
 
 
-def load_eval_set(path: str | Path) -> list[EvalRow]:
-    """Read and check an eval set; every problem is one line `file:line: what to do`."""
+def read_jsonl_objects(
+    path: str | Path, errors: list[str], what: str = ""
+) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file; bad lines go to `errors`
+    as `file:line: ...` (shared by the SQL and JSON eval-set loaders)."""
     p = Path(path)
     if not p.is_file():
         raise DistillError(f"{path}: no such eval set file")
-    rows: list[EvalRow] = []
-    errors: list[str] = []
-    seen: dict[str, int] = {}
+    out: list[tuple[int, dict[str, Any]]] = []
     for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -92,8 +93,19 @@ def load_eval_set(path: str | Path) -> list[EvalRow]:
             errors.append(f"{path}:{i}: not valid JSON ({e.msg})")
             continue
         if not isinstance(obj, dict):
-            errors.append(f"{path}:{i}: each line must be a JSON object")
+            errors.append(f"{path}:{i}: each line must be a JSON object{what}")
             continue
+        out.append((i, obj))
+    return out
+
+
+def load_eval_set(path: str | Path) -> list[EvalRow]:
+    """Read and check an eval set; every problem is one line `file:line: what to do`."""
+    p = Path(path)
+    rows: list[EvalRow] = []
+    errors: list[str] = []
+    seen: dict[str, int] = {}
+    for i, obj in read_jsonl_objects(p, errors):
         missing = [
             k for k in REQUIRED if not isinstance(obj.get(k), str | int) or str(obj.get(k)).strip() == ""
         ]

@@ -90,23 +90,13 @@ def is_json_eval_set(path: str | Path) -> bool:
 
 def load_json_eval_set(path: str | Path) -> list[JsonEvalRow]:
     """Read and check a JSON-extraction eval set; every problem is one line `file:line: what to do`."""
+    from distill.evaluate.evalset import read_jsonl_objects
+
     p = Path(path)
-    if not p.is_file():
-        raise DistillError(f"{path}: no such eval set file")
     rows: list[JsonEvalRow] = []
     errors: list[str] = []
     seen: dict[str, int] = {}
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append(f"{path}:{i}: not valid JSON ({e.msg})")
-            continue
-        if not isinstance(obj, dict):
-            errors.append(f"{path}:{i}: each line must be a JSON object with id, text and record")
-            continue
+    for i, obj in read_jsonl_objects(p, errors, " with id, text and record"):
         missing = [
             k
             for k in ("id", "text")
