@@ -105,9 +105,21 @@ def test_template_change_reruns_only_affected_stages(project, first_run):
     assert "prompts/sql/answer.jinja changed" in st["answers"]["reason"]
     assert st["verified"]["reason"] == "input answers changed"
     assert st["eval"]["state"] == "stale"
-    r = distill("run", "pipelines/sql_dialect.yaml", "--profile", "smoke", "--until", "pairs", cwd=project)
+    r = distill(
+        "run",
+        "pipelines/sql_dialect.yaml",
+        "--profile",
+        "smoke",
+        "--only",
+        "answers",
+        "--only",
+        "verified",
+        "--only",
+        "pairs",
+        cwd=project,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "ran 3 stage(s)" in r.stdout, r.stdout[-500:]
+    assert "ran 3 stage(s), reused 0" in r.stdout, r.stdout[-500:]
     after = status(project)
     for name in ("answers", "verified", "pairs", "corpus", "cpt", "questions"):
         assert after[name]["state"] == "done", name
