@@ -18,7 +18,6 @@ def collect(lp: LoadedPipeline, dry_run: bool = False) -> tuple[list[Path], int]
     from distill.core.runner import plan
 
     plans = plan(lp)
-    keep = {plans[s].fingerprint[:12] for s in plans}
     victims: list[Path] = []
     wd = lp.workdir
     if not wd.is_dir():
@@ -33,7 +32,6 @@ def collect(lp: LoadedPipeline, dry_run: bool = False) -> tuple[list[Path], int]
         for a in StageDir(wd, d.name).all_artifacts():
             if a.name not in (fp12, f".tmp-{fp12}"):
                 victims.append(a)
-    del keep
     freed = sum(_size(v) for v in victims)
     if not dry_run:
         with WorkdirLock(wd):

@@ -159,7 +159,6 @@ def select(
         chosen = ancestors(lp, chosen)
     forced = descendants(lp, set(force)) & (chosen | set(force)) if force else set()
     chosen |= set(force)
-    order = [s for s in topo_order(lp) if s in chosen]
     to_run: list[str] = []
     for s in topo_order(lp):
         p = plans[s]
@@ -181,7 +180,6 @@ def select(
                     f"stage {s!r} needs {d!r}, which is {plans[d].state}; run it first "
                     f"(`distill run {lp.file} --only {d}`) or add --with-deps"
                 )
-    del order
     return to_run
 
 
